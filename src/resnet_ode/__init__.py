@@ -10,8 +10,9 @@ The public API:
 - :mod:`resnet_ode.models`: the networks of the paper.
 """
 
+from resnet_ode.models import untie_weights
 from resnet_ode.stack import SCHEMES, ResidualStack
 
 __version__ = "0.1.0"
 
-__all__ = ["SCHEMES", "ResidualStack", "__version__"]
+__all__ = ["SCHEMES", "ResidualStack", "__version__", "untie_weights"]
