@@ -164,10 +164,11 @@ class ResNet(nn.Module):
 
     Stage ``s`` has ``width * 2**s`` base channels (times 4 at the output of
     bottleneck blocks). A stage of depth ``n`` is one untied downsampling
-    block (stride 2 except in stage 0) followed by a ResidualStack of the
-    ``n - 1`` residual functions (the block branch without the final ReLU),
-    applied with step ``1 / (n - 1)``. A tied stage repeats one module object
-    ``n - 1`` times; a depth-1 stage has no stack.
+    block (stride 2 except in stage 0; a 1x1 conv + BN projection shortcut
+    where the shape changes, the identity elsewhere) followed by a
+    ResidualStack of the ``n - 1`` residual functions (the block branch
+    without the final ReLU), applied with step ``1 / (n - 1)``. A tied stage
+    repeats one module object ``n - 1`` times; a depth-1 stage has no stack.
 
     Args:
         stage_depths: depth n >= 1 of each stage, any number of stages.
