@@ -225,7 +225,6 @@ class _AdjointIntegration(torch.autograd.Function):
                 grad_y = _step_vjp(stack, n, x, grad_y, tape, grads, step_parameters)
                 y = x
 
-        ctx.tape = None
         return (grad_y, None, *(grads[id(p)] for p in parameters))
 
 
