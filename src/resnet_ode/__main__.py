@@ -1,0 +1,5 @@
+import sys
+
+from resnet_ode.cli import main
+
+sys.exit(main())
