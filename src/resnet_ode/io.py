@@ -20,8 +20,10 @@ import torch
 PACKAGE_NAME = "resnet-ode"
 
 
-def _atomic_write(path: str | os.PathLike, write: Callable[[IO], None], mode: str):
+def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], mode: str):
     """Write through ``write`` into a temporary file next to ``path``, then rename.
+
+    ``write`` receives the open temporary file (``mode`` "w" or "wb").
 
     The temporary file lives in the destination directory so that
     ``os.replace`` is a rename within one file system, which is atomic: a
@@ -56,7 +58,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")
-    _atomic_write(path, lambda handle: handle.write(text), mode="w")
+    atomic_write(path, lambda handle: handle.write(text), mode="w")
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -84,7 +86,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
             Python types so that ``torch.load(..., weights_only=True)`` reads it.
         path: destination file; its parent directories are created.
     """
-    _atomic_write(path, lambda handle: torch.save(obj, handle), mode="wb")
+    atomic_write(path, lambda handle: torch.save(obj, handle), mode="wb")
 
 
 def _git(*args: str) -> str | None:

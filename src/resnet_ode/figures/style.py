@@ -1,7 +1,6 @@
 """Shared look and output of the figures: seaborn styling, PDF + PNG + CSV."""
 
 import os
-import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -11,6 +10,8 @@ matplotlib.use("Agg")  # figures are files; no display is needed or assumed
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
+
+from resnet_ode.io import atomic_write  # noqa: E402
 
 PALETTE = {"euler": "tab:blue", "heun": "tab:orange"}
 
@@ -37,24 +38,13 @@ def save_figure(fig, data: pd.DataFrame, out: str | os.PathLike) -> list[Path]:
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     written = []
-    for suffix, write in (
-        (".pdf", lambda p: fig.savefig(p, format="pdf")),
-        (".png", lambda p: fig.savefig(p, format="png", dpi=150)),
-        (".csv", lambda p: data.to_csv(p, index=False)),
+    for suffix, mode, write in (
+        (".pdf", "wb", lambda f: fig.savefig(f, format="pdf")),
+        (".png", "wb", lambda f: fig.savefig(f, format="png", dpi=150)),
+        (".csv", "w", lambda f: data.to_csv(f, index=False)),
     ):
         target = out.with_name(out.name + suffix)
-        _write_atomically(target, write)
+        atomic_write(target, write, mode)
         written.append(target)
     plt.close(fig)
     return written
-
-
-def _write_atomically(target: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        os.unlink(tmp)
-        raise
