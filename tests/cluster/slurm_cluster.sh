@@ -147,7 +147,8 @@ ReturnToService=2
 # Without a database squeue is the only source of job states; keep finished
 # jobs visible long enough for the executor plugin to see how they ended.
 MinJobAge=300
-NodeName=$NODE_NAME NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem Gres=gpu:1 State=UNKNOWN
+NodeName=$NODE_NAME NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem Gres=gpu:1 \
+    State=UNKNOWN
 PartitionName=debug Nodes=$NODE_NAME Default=YES MaxTime=INFINITE State=UP
 EOF
     # A fake GPU: slurmd drains the node unless the GPU names a device file.
@@ -173,7 +174,8 @@ wait_for_idle_node() {
     local deadline=$((SECONDS + START_TIMEOUT))
     local node_state=""
     while ((SECONDS < deadline)); do
-        node_state=$(sinfo --noheader --nodes="$NODE_NAME" --format=%T 2>/dev/null || true)
+        node_state=$(sinfo --noheader --nodes="$NODE_NAME" --format=%T \
+            2>/dev/null || true)
         [[ $node_state == idle ]] && return 0
         sleep 0.2
     done
