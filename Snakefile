@@ -3,7 +3,7 @@
 #
 #   snakemake --cores all                        # quick preset, a few minutes
 #   snakemake --cores all --config preset=paper  # the authors' settings
-#   snakemake --workflow-profile profiles/slurm --config preset=paper
+#   snakemake --profile profiles/slurm --config preset=paper
 #   snakemake --report report.html
 #
 # config.yaml documents every setting; workflow/rules/ holds one file per

@@ -249,7 +249,13 @@ def get_data_args(experiment, subsets=True):
 
 
 def get_train_args(experiment):
-    """Data, optimiser, schedule and device arguments of a training command."""
+    """Data, optimiser, schedule and device arguments of a training command.
+
+    Ends with ``--restart-on-mismatch``: Snakemake reruns a training job only
+    when its settings or command changed, so a checkpoint of another config
+    left in the output folder is stale and the run starts over; a checkpoint
+    of the same config (a job stopped halfway) is resumed.
+    """
     training = get_experiment(experiment)["training"]
     options = {
         "--epochs": training["epochs"],
@@ -263,7 +269,7 @@ def get_train_args(experiment):
         "--num-workers": training["num_workers"],
         "--device": get_settings()["device"],
     }
-    return f"{get_data_args(experiment)} {shell_args(options)}"
+    return f"{get_data_args(experiment)} {shell_args(options)} --restart-on-mismatch"
 
 
 def get_stage_depths(wildcards):
