@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--depth", type=positive_int, default=64, help="residual functions N"
     )
     parser.add_argument("--scheme", choices=SCHEMES, default="euler")
-    parser.add_argument("--batch-size", type=positive_int, default=64)
+    parser.add_argument("--batch-size", type=positive_int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", choices=DEVICES, default="auto")
     parser.add_argument("--out", help="also write the numbers to OUT/metrics.json")

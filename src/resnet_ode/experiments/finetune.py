@@ -8,8 +8,8 @@ its value. The whole model runs in training mode, as in ordinary training, so
 BatchNorm running statistics outside the stage still follow the data.
 Paper settings (CIFAR-10) are the defaults: stage 3 of a [4, 4, 32, 4] model,
 SGD lr 1e-3, momentum 0.9, weight decay 5e-4, batch 128, 50 epochs, lr / 10
-after epoch 40. ``--stage all`` refines every parameter
-with the adjoint in every stack (the paper's ImageNet variant).
+after epoch 40. ``--stage all`` refines every parameter with the adjoint in
+every stack (the paper's ImageNet variant).
 """
 
 import argparse

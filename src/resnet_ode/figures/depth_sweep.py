@@ -11,7 +11,6 @@ so optimistic) and whether it diverged.
 import argparse
 import warnings
 
-import numpy as np
 import pandas as pd
 
 from resnet_ode.experiments.common import read_results
@@ -147,7 +146,6 @@ def run(args: argparse.Namespace) -> int:
             stacklevel=2,
         )
     fig, (ax,) = new_figure()
-    with np.errstate(divide="ignore"):
-        draw(ax, table)
+    draw(ax, table)
     save_figure(fig, table, args.out)
     return 0

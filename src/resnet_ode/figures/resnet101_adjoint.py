@@ -9,6 +9,7 @@ import argparse
 import warnings
 
 import pandas as pd
+from matplotlib.ticker import MaxNLocator
 
 from resnet_ode.experiments.common import read_results
 from resnet_ode.figures.style import new_figure, save_figure
@@ -64,6 +65,7 @@ def draw(ax, table: pd.DataFrame) -> None:
         if history["diverged"].iloc[0]:
             last = history.iloc[-1]
             ax.scatter(last["epoch"], 100 * last["test_error"], marker="x", s=60)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("test error (%)")
     ax.legend(fontsize="small")

@@ -74,7 +74,7 @@ def draw(ax, table: pd.DataFrame) -> None:
             yerr=100 * means["group_std_accuracy"],
             marker="o",
             capsize=3,
-            label=f"{setting} (mean over seeds)",
+            label=setting,
         )
         color = line[0].get_color()
         finished = runs[~runs["diverged"]]
@@ -92,9 +92,11 @@ def draw(ax, table: pd.DataFrame) -> None:
     ax.set_xscale("log", base=2)
     depths = sorted(table["n"].unique())
     ax.set_xticks(depths, [str(d) for d in depths])
-    ax.set_xlabel("stage depth n (tied residual function applied n - 1 times)")
+    ax.set_xlabel("stage depth n")
     ax.set_ylabel("final-epoch test accuracy (%)")
-    ax.legend(fontsize="small")
+    ax.legend(
+        fontsize="x-small", title="mean +- std over seeds", title_fontsize="x-small"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
