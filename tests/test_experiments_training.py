@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from resnet_ode.cli import main
+from resnet_ode.training import RunMismatchError
 
 DIGITS = "--dataset digits --train-size 256 --test-size 128 --batch-size 32"
 CHANCE = 0.1  # ten digit classes
@@ -302,6 +303,21 @@ def test_milestones_need_the_step_schedule(tmp_path):
     with pytest.raises(ValueError, match="only to --schedule step"):
         cli(f"tied-resnet --schedule cosine --milestones 5 {DIGITS} --out {out}")
     assert not out.exists()
+
+
+def test_restart_on_mismatch_replaces_a_run_of_other_settings(tmp_path):
+    out = tmp_path / "run"
+    sweep = (
+        "depth-sweep --scheme euler --grad backprop --depth 2 --dataset digits "
+        f"--train-size 64 --test-size 32 --epochs 1 --schedule constant --out {out}"
+    )
+    run_command(f"{sweep} --lr 0.1")
+    with pytest.raises(RunMismatchError, match="lr"):
+        cli(f"{sweep} --lr 0.2")
+    assert read_metrics(out)["config"]["lr"] == 0.1
+
+    run_command(f"{sweep} --lr 0.2 --restart-on-mismatch")
+    assert read_metrics(out)["config"]["lr"] == 0.2
 
 
 def test_demo_adjoint_keeps_less_and_agrees_with_backprop(tmp_path, capsys):

@@ -17,7 +17,13 @@ from pathlib import Path
 import torch
 
 from resnet_ode.data import DATASETS, load_datasets
-from resnet_ode.training import SCHEDULES, TrainConfig, resolve_device, train
+from resnet_ode.training import (
+    SCHEDULES,
+    RunMismatchError,
+    TrainConfig,
+    resolve_device,
+    train,
+)
 
 logger = logging.getLogger("resnet_ode")
 
@@ -26,6 +32,9 @@ DEVICES = ("auto", "cpu", "cuda")
 # Subsets (--train-size, --test-size) are drawn with this fixed seed, not the
 # training seed, so that runs with different seeds see the same images.
 SUBSET_SEED = 0
+
+# What train() writes into --out; --restart-on-mismatch deletes exactly these.
+RUN_FILES = ("checkpoint.pt", "metrics.json", "model.pt")
 
 TRAINING_DEFAULTS = {
     "dataset": "cifar10",
@@ -202,6 +211,12 @@ def add_training_arguments(parser: argparse.ArgumentParser, **defaults) -> None:
     parser.add_argument(
         "--out", required=True, help="output directory (created; resumes a run)"
     )
+    parser.add_argument(
+        "--restart-on-mismatch",
+        action="store_true",
+        help="if --out holds a run with other settings, delete its checkpoint.pt, "
+        "metrics.json and model.pt and start over (default: stop with an error)",
+    )
 
 
 def training_config(args: argparse.Namespace) -> TrainConfig:
@@ -301,17 +316,22 @@ def run_training(
     Returns:
         The metrics written to ``args.out/metrics.json``.
     """
-    metrics = train(
-        model,
-        train_ds,
-        test_ds,
-        config,
-        args.out,
-        parameters=parameters,
-        extra=extra,
-    )
+    try:
+        metrics = train(model, train_ds, test_ds, config, args.out, parameters, extra)
+    except RunMismatchError as error:
+        if not args.restart_on_mismatch:
+            raise
+        logger.warning("%s; --restart-on-mismatch: starting over", error)
+        remove_run_files(Path(args.out))
+        metrics = train(model, train_ds, test_ds, config, args.out, parameters, extra)
     log_summary(metrics)
     return metrics
+
+
+def remove_run_files(out_dir: Path) -> None:
+    """Delete the files a training run writes (and nothing else) from ``out_dir``."""
+    for name in RUN_FILES:
+        (out_dir / name).unlink(missing_ok=True)
 
 
 def log_summary(metrics: dict) -> None:
