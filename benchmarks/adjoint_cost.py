@@ -93,7 +93,7 @@ def measure_memory_point(method: str, depth: int, batch: int, device: str) -> di
     from resnet_ode.memory import measure_step_peak
 
     model, step = build(method, depth, batch, device)
-    step()  # warm-up; leaves the .grad tensors allocated, as in training
+    # measure_step_peak warms up first, which allocates the .grad tensors.
     grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     result = measure_step_peak(step, device=device, repeats=3)
     result["memory_method"] = result.pop("method")
@@ -255,6 +255,9 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.measure_memory:
+        from resnet_ode.memory import ensure_malloc_settings
+
+        ensure_malloc_settings()  # re-executes this process with fixed malloc
         method, depth = args.measure_memory[0], int(args.measure_memory[1])
         print(json.dumps(measure_memory_point(method, depth, args.batch, args.device)))
         return

@@ -147,22 +147,25 @@ class ResidualStack(nn.Module):
 
     def _step(self, n: int, x: torch.Tensor, tape=None) -> torch.Tensor:
         h = self.step_size
+        # torch.add with alpha scales and adds in one pass, with no temporary.
         if self.scheme == "euler":
-            return x + h * self._evaluate(n, x, tape, (n, 0))
+            return torch.add(x, self._evaluate(n, x, tape, (n, 0)), alpha=h)
 
         k1 = self._evaluate(n, x, tape, (n, 0))
-        k2 = self._evaluate(n + 1, x + h * k1, tape, (n, 1))
-        return x + (h / 2) * (k1 + k2)
+        k2 = self._evaluate(n + 1, torch.add(x, k1, alpha=h), tape, (n, 1))
+        return torch.add(x, k1 + k2, alpha=h / 2)
 
     def _reverse_step(self, n: int, y: torch.Tensor, tape=None) -> torch.Tensor:
         h = self.step_size
         if self.scheme == "euler":
-            return y - h * self._evaluate(n, y, tape, (n, 0), replay=True)
+            return torch.add(
+                y, self._evaluate(n, y, tape, (n, 0), replay=True), alpha=-h
+            )
 
         # Heun backwards in time: the roles of f_n and f_{n+1} are exchanged.
         k2 = self._evaluate(n + 1, y, tape, (n, 1), replay=True)
-        k1 = self._evaluate(n, y - h * k2, tape, (n, 0), replay=True)
-        return y - (h / 2) * (k1 + k2)
+        k1 = self._evaluate(n, torch.add(y, k2, alpha=-h), tape, (n, 0), replay=True)
+        return torch.add(y, k1 + k2, alpha=-h / 2)
 
     def _step_increment(self, n: int, x: torch.Tensor, grad_y: torch.Tensor):
         """The step's increment (output minus input) with a graph, and its cotangent.
@@ -175,8 +178,8 @@ class ResidualStack(nn.Module):
             return self._evaluate(n, x, None, None), h * grad_y
 
         k1 = self._evaluate(n, x, None, None)
-        k2 = self._evaluate(n + 1, x + h * k1, None, None)
-        return (h / 2) * (k1 + k2), grad_y
+        k2 = self._evaluate(n + 1, torch.add(x, k1, alpha=h), None, None)
+        return k1 + k2, (h / 2) * grad_y
 
     def _step_functions(self, n: int) -> list[nn.Module]:
         if self.scheme == "euler":
