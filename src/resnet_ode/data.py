@@ -15,7 +15,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset
-from torchvision import datasets, transforms
+
+# torchvision is imported inside the functions that need it: importing it costs
+# seconds at the start of every job, and the offline digits data never uses it.
 
 DATASETS = ("digits", "cifar10", "cifar100", "imagenet")
 DOWNLOADABLE = ("cifar10", "cifar100")
@@ -212,10 +214,14 @@ def _load_digits(augment):
 
 
 def _cifar_class(name):
+    from torchvision import datasets
+
     return datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
 
 
 def _cifar_transforms(name, augment):
+    from torchvision import transforms
+
     mean, std = CIFAR_STATS[name]
     to_normalised = [transforms.ToTensor(), transforms.Normalize(mean, std)]
     train = to_normalised
@@ -296,6 +302,8 @@ def download_dataset(name: str, data_dir: str | os.PathLike) -> Path:
 
 
 def _imagenet_transforms(augment):
+    from torchvision import transforms
+
     normalise = [transforms.ToTensor(), transforms.Normalize(*IMAGENET_STATS)]
     evaluation = [transforms.Resize(256), transforms.CenterCrop(224), *normalise]
     train = evaluation
@@ -309,6 +317,8 @@ def _imagenet_transforms(augment):
 
 
 def _load_imagenet(data_dir, augment):
+    from torchvision import datasets
+
     train_dir, val_dir = data_dir / "train", data_dir / "val"
     missing = [str(path) for path in (train_dir, val_dir) if not path.is_dir()]
     if missing:
