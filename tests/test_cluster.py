@@ -13,6 +13,8 @@ cancelled training job resumes from its checkpoint.
 
 import collections
 import importlib.util
+import json
+import math
 import os
 import re
 import shutil
@@ -24,6 +26,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,7 +49,7 @@ ETC_CONF = Path("/etc/slurm/slurm.conf")
 TOY_TIMEOUT_S = 180
 POLL_TIMEOUT_S = 60
 
-SlurmJob = collections.namedtuple("SlurmJob", "job_id state rule")
+SlurmJob = collections.namedtuple("SlurmJob", "job_id state rule gpus")
 
 
 def cluster_skip_reason():
@@ -156,22 +159,30 @@ def slurm_run_id(snakemake_output):
 
 
 def slurm_jobs(env, run_id=None):
-    """Jobs the controller still knows (finished ones stay MinJobAge=300 s).
+    """Jobs the controller still knows, oldest first (finished ones stay
+    listed for MinJobAge=300 s).
 
-    The plugin puts `rule_<name>` (plus wildcards) into each job's comment.
+    The plugin names every job of a run after its run ID and puts
+    `rule_<name>` (plus wildcards) into the job's comment. `gpus` is the
+    job's GPU request as Slurm recorded it ("gres:gpu:1"), or "N/A".
     """
-    command = ["squeue", "--states=all", "--noheader", "--format=%i|%T|%k|%j"]
+    # An empty field width with a "|" suffix: whole values, "|"-separated.
+    fields = "JobID:|,State:|,Comment:|,Name:|,tres-per-job:|"
     listing = subprocess.run(
-        command, env=env, capture_output=True, text=True, check=True
+        ["squeue", "--states=all", "--noheader", f"--Format={fields}"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     jobs = []
     for line in listing.splitlines():
-        job_id, state, comment, name = line.split("|")
+        job_id, state, comment, name, gpus = line.split("|")[:5]
         if run_id is not None and name != run_id:
             continue
         rule = re.sub(r"^rule_", "", comment).split("_wildcards_")[0]
-        jobs.append(SlurmJob(job_id, state, rule))
-    return jobs
+        jobs.append(SlurmJob(job_id, state, rule, gpus))
+    return sorted(jobs, key=lambda job: int(job.job_id))
 
 
 def running_job(env, rule):
@@ -223,12 +234,12 @@ def test_toy_jobs_run_on_cluster_and_failed_job_is_retried(slurm_env, tmp_path):
     assert run.returncode == 0, run.stdout
 
     jobs = slurm_jobs(slurm_env, slurm_run_id(run.stdout))
-    outcomes = collections.Counter((job.rule, job.state) for job in jobs)
+    outcomes = collections.Counter((job.rule, job.state, job.gpus) for job in jobs)
     assert outcomes == {
-        ("host", "COMPLETED"): 1,
-        ("gpu", "COMPLETED"): 1,
-        ("flaky", "FAILED"): 1,
-        ("flaky", "COMPLETED"): 1,
+        ("host", "COMPLETED", "N/A"): 1,
+        ("gpu", "COMPLETED", "gres:gpu:1"): 1,
+        ("flaky", "FAILED", "N/A"): 1,
+        ("flaky", "COMPLETED", "N/A"): 1,
     }, jobs
 
     # Each job reports the Slurm job it ran in: the ids must be the
@@ -237,7 +248,8 @@ def test_toy_jobs_run_on_cluster_and_failed_job_is_retried(slurm_env, tmp_path):
     host = (tmp_path / "out" / "host.txt").read_text().split()
     gpu = (tmp_path / "out" / "gpu.txt").read_text().split()
     assert host == [f"job={job_ids['host']}", "gpus=none"]
-    assert gpu == [f"job={job_ids['gpu']}", "gpus=0"]
+    assert gpu[0] == f"job={job_ids['gpu']}"
+    assert re.fullmatch(r"gpus=[0-9]", gpu[1]), gpu  # one fake GPU's index
     assert (tmp_path / "out" / "flaky.txt").read_text().strip() == "2"
     assert "Trying to restart job" in run.stdout
 
@@ -276,3 +288,249 @@ def test_toy_scancelled_job_fails_run_naming_rule_and_log(slurm_env, tmp_path):
     assert slurm_log in output
     assert (tmp_path / slurm_log).exists()
     assert not (tmp_path / "out" / "sleeper.txt").exists()
+
+
+# ---- the real workflow -------------------------------------------------------
+
+REDUCED_CONFIG = CLUSTER_DIR / "reduced_quick.yaml"
+WORKFLOW_TIMEOUT_S = 600
+
+# Rules that run an experiment's command (each goes through Slurm) -> the
+# config entry holding its settings; every other rule is a local rule.
+CLUSTER_RULES = {
+    "linear_weights": "linear_weights",
+    "reconstruction": "reconstruction",
+    "train_tied": "tied_weights",
+    "train_resnet101": "resnet101",
+    "train_depth_sweep": "depth_sweep",
+    "gradient_error": "gradient_error",
+    "memory_point": "memory",
+    "finetune": "finetuning",
+}
+
+# Timings and memory readings of the machine, not results: they differ from
+# run to run. Everything else in a metrics.json must match.
+MEASURED_KEYS = {
+    "provenance",
+    "wall_time_s",
+    "seconds",
+    "peak_memory",
+    "peak_bytes",
+    "peak_mib",
+    "baseline_bytes",
+    "values",
+    "baselines",
+}
+
+# The depth-sweep run the resume test trains, cancels and lets retry.
+RESUME_RUN = "scheme~euler/grad~backprop/depth~2/seed~1"
+# Enough epochs of enough images (about 0.3 s each on 2 cores) that the test
+# can cancel the job after its first checkpoint and well before its last.
+RESUME_EPOCHS = 12
+RESUME_TRAIN_SIZE = 1024
+
+
+def workflow_args(workdir, profile_dir, *extra):
+    """Arguments running the repository's workflow in `workdir`."""
+    return [
+        "--snakefile",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--workflow-profile",
+        str(profile_dir),
+        *extra,
+    ]
+
+
+def job_counts(output):
+    """Jobs per rule from the first "Job stats" table of Snakemake's output."""
+    lines = output.splitlines()
+    counts = {}
+    for line in lines[lines.index("Job stats:") + 3 :]:
+        rule, count = line.split()
+        if rule == "total":
+            return counts
+        counts[rule] = int(count)
+    raise AssertionError("unterminated Job stats table")
+
+
+def result_files(workdir):
+    """Paths of everything a run wrote, relative to its directory."""
+    return {
+        str(path.relative_to(workdir))
+        for path in workdir.rglob("*")
+        if path.is_file() and ".snakemake" not in path.relative_to(workdir).parts
+    }
+
+
+def assert_same_results(local, cluster, where, roots):
+    """Same structure and values, numbers within round-off, measurements aside.
+
+    `roots` are the two runs' directories: paths into them compare equal.
+    """
+    if isinstance(local, dict):
+        assert isinstance(cluster, dict) and local.keys() == cluster.keys(), where
+        for key in local.keys() - MEASURED_KEYS:
+            assert_same_results(local[key], cluster[key], f"{where}/{key}", roots)
+    elif isinstance(local, list):
+        assert isinstance(cluster, list) and len(local) == len(cluster), where
+        for index, (a, b) in enumerate(zip(local, cluster, strict=True)):
+            assert_same_results(a, b, f"{where}[{index}]", roots)
+    elif isinstance(local, float):
+        # Same code, data, seeds and thread count (one, from the rule) on the
+        # same machine: the runs should agree bit for bit; the tolerance only
+        # forgives float32 round-off should a library reorder a reduction.
+        assert math.isclose(local, cluster, rel_tol=1e-5, abs_tol=1e-8), (
+            f"{where}: local {local} != cluster {cluster}"
+        )
+    elif isinstance(local, str) and isinstance(cluster, str):
+        local_root, cluster_root = (str(root) for root in roots)
+        assert local.replace(local_root, "RUN") == cluster.replace(
+            cluster_root, "RUN"
+        ), f"{where}: local {local!r} != cluster {cluster!r}"
+    else:
+        assert local == cluster, f"{where}: local {local!r} != cluster {cluster!r}"
+
+
+def gpu_experiments():
+    """Experiments whose jobs the reduced preset sends to Slurm with a GPU."""
+    settings = yaml.safe_load(REDUCED_CONFIG.read_text())["presets"]["quick"]
+    return {
+        name
+        for name, experiment in settings.items()
+        if experiment.get("resources", {}).get("gpu") == 1
+    }
+
+
+def checkpoint_epoch(path):
+    """Epochs saved in a training checkpoint; None while there is none."""
+    if not path.is_file():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True)["epoch"]
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_reduced_quick_preset_on_cluster_matches_local_run(slurm_env, tmp_path):
+    local_dir, cluster_dir = tmp_path / "local", tmp_path / "cluster"
+    config_args = ["--configfile", str(REDUCED_CONFIG)]
+    local_profile = REPO / "profiles" / "default"
+
+    # The two runs share the CPUs, but the cluster run mostly waits for its
+    # status checks, so they run side by side.
+    local_log = tmp_path / "local.log"
+    with open(local_log, "w") as log:
+        local = subprocess.Popen(
+            snakemake_command(
+                workflow_args(local_dir, local_profile, *config_args),
+                WORKFLOW_TIMEOUT_S,
+            ),
+            cwd=tmp_path,
+            env=slurm_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        cluster = run_snakemake(
+            workflow_args(cluster_dir, LOCAL_PROFILE.parent, *config_args),
+            tmp_path,
+            slurm_env,
+            WORKFLOW_TIMEOUT_S,
+        )
+    finally:
+        local.wait()
+    assert cluster.returncode == 0, cluster.stdout
+    assert local.returncode == 0, local_log.read_text()
+
+    # Every experiment job went through Slurm and succeeded first time, with a
+    # GPU where the config asks for one; plots, tables and claims ran locally.
+    planned = job_counts(cluster.stdout)
+    jobs = slurm_jobs(slurm_env, slurm_run_id(cluster.stdout))
+    assert collections.Counter(job.rule for job in jobs) == {
+        rule: planned[rule] for rule in CLUSTER_RULES
+    }
+    with_gpu = gpu_experiments()
+    assert {CLUSTER_RULES[job.rule] for job in jobs if job.gpus != "N/A"} == with_gpu
+    assert all(job.state == "COMPLETED" for job in jobs), jobs
+    assert all(job.gpus in ("N/A", "gres:gpu:1") for job in jobs), jobs
+
+    assert result_files(cluster_dir) == result_files(local_dir)
+    metrics_files = sorted(local_dir.rglob("results/**/metrics.json"))
+    assert len(metrics_files) == sum(planned[rule] for rule in CLUSTER_RULES)
+    for local_metrics in metrics_files:
+        relative = local_metrics.relative_to(local_dir)
+        cluster_metrics = json.loads((cluster_dir / relative).read_text())
+        assert_same_results(
+            json.loads(local_metrics.read_text()),
+            cluster_metrics,
+            str(relative),
+            roots=(local_dir, cluster_dir),
+        )
+        # The fake GPU has no CUDA behind it: the jobs fell back to the CPU.
+        assert cluster_metrics.get("device", "cpu") == "cpu", relative
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_cancelled_training_job_is_retried_and_resumes_from_checkpoint(
+    slurm_env, tmp_path
+):
+    training = {"epochs": RESUME_EPOCHS, "milestones": [RESUME_EPOCHS - 1]}
+    longer = {"train_size": RESUME_TRAIN_SIZE, "training": training}
+    override = tmp_path / "longer_training.yaml"
+    override.write_text(yaml.safe_dump({"presets": {"quick": {"depth_sweep": longer}}}))
+    workdir = tmp_path / "run"
+    run_dir = workdir / "results" / "depth_sweep" / RESUME_RUN
+    args = workflow_args(
+        workdir,
+        LOCAL_PROFILE.parent,
+        "--configfile",
+        str(REDUCED_CONFIG),
+        str(override),
+        "--",
+        str(run_dir.relative_to(workdir) / "metrics.json"),
+    )
+    log_path = tmp_path / "snakemake.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            snakemake_command(args, WORKFLOW_TIMEOUT_S),
+            cwd=tmp_path,
+            env=slurm_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        saved = wait_for(
+            lambda: checkpoint_epoch(run_dir / "checkpoint.pt"),
+            WORKFLOW_TIMEOUT_S,
+            "the first checkpoint",
+        )
+        job = running_job(slurm_env, "train_depth_sweep")
+        assert job is not None, "the training job finished before it was cancelled"
+        subprocess.run(["scancel", job.job_id], env=slurm_env, check=True)
+        process.wait(timeout=WORKFLOW_TIMEOUT_S)
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            process.wait()
+    output = log_path.read_text()
+    assert process.returncode == 0, output
+
+    # The profile's retries started the cancelled job again...
+    jobs = slurm_jobs(slurm_env, slurm_run_id(output))
+    assert [(job.rule, job.state) for job in jobs] == [
+        ("train_depth_sweep", "CANCELLED"),
+        ("train_depth_sweep", "COMPLETED"),
+    ], jobs
+
+    # ...and it went on from its checkpoint instead of starting over.
+    training_log = (workdir / "logs" / "depth_sweep" / f"{RESUME_RUN}.log").read_text()
+    resumed = re.search(r"resuming \S+ after epoch (\d+)", training_log)
+    assert resumed, training_log
+    resumed_epoch = int(resumed.group(1))
+    assert saved <= resumed_epoch < RESUME_EPOCHS
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["resumed_at_epochs"] == [resumed_epoch]
+    epochs = [entry["epoch"] for entry in metrics["history"]]
+    assert epochs == list(range(1, RESUME_EPOCHS + 1))

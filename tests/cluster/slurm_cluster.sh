@@ -30,6 +30,9 @@ readonly NODE_NAME=localhost
 # Seconds to wait for the node to report idle, and for a daemon to exit.
 readonly START_TIMEOUT=30
 readonly STOP_TIMEOUT=15
+# Fake GPUs: Slurm only needs a device file per GPU (without one the node
+# drains). Two, so two GPU jobs can run side by side as on a real GPU node.
+readonly FAKE_GPU_FILES=(/dev/null /dev/zero)
 
 usage() {
     echo "usage: $0 start|stop|status STATE_DIR" >&2
@@ -147,15 +150,17 @@ ReturnToService=2
 # Without a database squeue is the only source of job states; keep finished
 # jobs visible long enough for the executor plugin to see how they ended.
 MinJobAge=300
-NodeName=$NODE_NAME NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem Gres=gpu:1 \
+NodeName=$NODE_NAME NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem Gres=gpu:${#FAKE_GPU_FILES[@]} \
     State=UNKNOWN
 PartitionName=debug Nodes=$NODE_NAME Default=YES MaxTime=INFINITE State=UP
 EOF
-    # A fake GPU: slurmd drains the node unless the GPU names a device file.
-    cat >"$STATE/gres.conf" <<EOF
-AutoDetect=off
-NodeName=$NODE_NAME Name=gpu File=/dev/null
-EOF
+    local file
+    {
+        echo "AutoDetect=off"
+        for file in "${FAKE_GPU_FILES[@]}"; do
+            echo "NodeName=$NODE_NAME Name=gpu File=$file"
+        done
+    } >"$STATE/gres.conf"
 }
 
 link_etc_conf() {
