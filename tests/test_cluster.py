@@ -66,11 +66,17 @@ def cluster_skip_reason():
         )
     if os.geteuid() != 0:
         return "Slurm test cluster unavailable: its daemons must be started as root"
-    if ETC_CONF.exists() or ETC_CONF.is_symlink():
+    if ETC_CONF.is_symlink():
+        state = Path(os.readlink(ETC_CONF)).parent
         return (
-            f"Slurm test cluster unavailable: {ETC_CONF} already exists and the "
-            "test will not replace it (remove it if it is a stale link left by "
-            "an interrupted test run)"
+            f"Slurm test cluster unavailable: {ETC_CONF} links to {state}, so "
+            "another test cluster may be running (an interrupted run leaves it "
+            f"up); stop it with: {CLUSTER_SCRIPT} stop {state}"
+        )
+    if ETC_CONF.exists():
+        return (
+            f"Slurm test cluster unavailable: {ETC_CONF} exists (a real Slurm "
+            "configuration?) and the test will not replace it"
         )
     if importlib.util.find_spec("snakemake_executor_plugin_slurm") is None:
         return "snakemake-executor-plugin-slurm is not installed"
