@@ -150,8 +150,8 @@ ReturnToService=2
 # Without a database squeue is the only source of job states; keep finished
 # jobs visible long enough for the executor plugin to see how they ended.
 MinJobAge=300
-NodeName=$NODE_NAME NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem Gres=gpu:${#FAKE_GPU_FILES[@]} \
-    State=UNKNOWN
+NodeName=$NODE_NAME NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem \
+    Gres=gpu:${#FAKE_GPU_FILES[@]} State=UNKNOWN
 PartitionName=debug Nodes=$NODE_NAME Default=YES MaxTime=INFINITE State=UP
 EOF
     local file
