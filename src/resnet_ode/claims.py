@@ -68,11 +68,17 @@ def reconstruction(data: pd.DataFrame) -> tuple[str, bool]:
     """The reversed Euler scheme rebuilds inputs with error ~ 1/N."""
     slope = loglog_slope(data["depth"], data["error"])
     first, last = data.sort_values("depth").iloc[[0, -1]].itertuples()
-    return (
+    text = (
         f"log-log slope {slope:.2f}; error {first.error:.3g} at N={first.depth}, "
-        f"{last.error:.3g} at N={last.depth}",
-        in_range(slope, ORDER_ONE_SLOPES),
+        f"{last.error:.3g} at N={last.depth}"
     )
+    if "displacement" in data:
+        # Independent random functions move the input less as N grows (about
+        # N**-0.5), which steepens the slope; relative to that movement the
+        # error's order shows on its own.
+        relative = loglog_slope(data["depth"], data["error"] / data["displacement"])
+        text += f"; slope of error / displacement {relative:.2f}"
+    return text, in_range(slope, ORDER_ONE_SLOPES)
 
 
 def tied_weights(data: pd.DataFrame) -> tuple[str, bool]:
@@ -176,23 +182,30 @@ def gradient_error(data: pd.DataFrame) -> tuple[str, bool]:
 
 def memory(data: pd.DataFrame) -> tuple[str, bool]:
     """Peak memory grows linearly with depth under backprop, flat under the adjoint."""
-    parts, verdicts = [], {}
+    parts, fits = [], {}
     for grad, points in data.groupby("grad"):
         points = points.sort_values("depth")
-        slope, _ = np.polyfit(points["depth"], points["peak_mib"], 1)
-        growth = points["peak_mib"].iloc[-1] / points["peak_mib"].iloc[0]
-        parts.append(
-            f"{grad}: {points['peak_mib'].iloc[0]:.1f} MiB at depth "
-            f"{points['depth'].iloc[0]}, {points['peak_mib'].iloc[-1]:.1f} MiB at "
-            f"depth {points['depth'].iloc[-1]} ({slope:.2f} MiB per layer)"
+        slope, intercept = np.polyfit(points["depth"], points["peak_mib"], 1)
+        fitted = slope * points["depth"] + intercept
+        residual = ((points["peak_mib"] - fitted) ** 2).sum()
+        total = ((points["peak_mib"] - points["peak_mib"].mean()) ** 2).sum()
+        first, last = points["peak_mib"].iloc[0], points["peak_mib"].iloc[-1]
+        fits[grad] = dict(
+            slope=slope, r2=1 - residual / max(total, 1e-12), growth=last / first
         )
-        verdicts[grad] = (slope, growth)
-    depth_ratio = data["depth"].max() / data["depth"].min()
-    # Linear: backprop grows by at least half the depth ratio. Flat: the adjoint
-    # grows by at most 20 %.
-    backprop_linear = verdicts["backprop"][1] >= depth_ratio / 2
-    adjoint_flat = verdicts["adjoint"][1] <= 1.2
-    return "; ".join(parts), backprop_linear and adjoint_flat
+        parts.append(
+            f"{grad}: {first:.1f} MiB at depth {points['depth'].iloc[0]}, "
+            f"{last:.1f} MiB at depth {points['depth'].iloc[-1]} "
+            f"({slope:.3f} MiB per layer, R^2 {fits[grad]['r2']:.3f})"
+        )
+    state_mib = data["state_mib"].iloc[0]
+    parts.append(f"one stored state is {state_mib:.3f} MiB")
+    # Linear: a straight line fits (R^2 >= 0.95) and each layer adds at least
+    # half a stored state. Flat: each layer adds less than 5 % of a state.
+    backprop = fits["backprop"]
+    linear = backprop["r2"] >= 0.95 and backprop["slope"] >= 0.5 * state_mib
+    flat = fits["adjoint"]["slope"] <= 0.05 * state_mib
+    return "; ".join(parts), bool(linear and flat)
 
 
 def finetuning(data: pd.DataFrame) -> tuple[str, bool]:
