@@ -123,3 +123,11 @@ def test_missing_data_is_not_run_and_unknown_files_are_refused(tmp_path):
     (tmp_path / "other.csv").write_text("a\n1\n")
     with pytest.raises(ValueError, match="serves no claim"):
         main(["claims", "--results", str(tmp_path / "other.csv"), "--out", str(out)])
+
+
+def test_a_claim_missing_a_compared_part_is_not_testable():
+    euler_only = sweep_data({"euler": [0.5, 0.3, 0.1, 0.0]})
+    table = claims.evaluate_claims({"depth_sweep": euler_only})
+    verdicts = table.set_index("claim")["holds"]
+    assert verdicts[5] == verdicts[6] == "not testable"
+    assert "scheme ['heun']" in table.set_index("claim").loc[6, "measured"]
