@@ -23,7 +23,8 @@ rule claims:
     params:
         out=subpath(output.csv, strip_suffix=".csv"),
     shell:
-        "python -m resnet_ode claims --results {input:q} --out {params.out:q}"
+        "OMP_NUM_THREADS={threads} python -m resnet_ode"
+        " claims --results {input:q} --out {params.out:q}"
         " > {log:q} 2>&1"
 
 

@@ -27,7 +27,8 @@ rule train_depth_sweep:
         train=get_train_args("depth_sweep"),
         out=subpath(output.metrics, parent=True),
     shell:
-        "python -m resnet_ode depth-sweep --scheme {wildcards.scheme:q}"
+        "OMP_NUM_THREADS={threads} python -m resnet_ode"
+        " depth-sweep --scheme {wildcards.scheme:q}"
         " --grad {wildcards.grad:q} --depth {wildcards.depth:q}"
         " --seed {wildcards.seed:q} --init-depth {params.init_depth:q}"
         " {params.train} --out {params.out:q} > {log:q} 2>&1"
@@ -53,7 +54,8 @@ rule plot_depth_sweep:
     params:
         out=subpath(output.pdf, strip_suffix=".pdf"),
     shell:
-        "python -m resnet_ode plot depth-sweep --results {input:q}"
+        "OMP_NUM_THREADS={threads} python -m resnet_ode"
+        " plot depth-sweep --results {input:q}"
         " --out {params.out:q} > {log:q} 2>&1"
 
 

@@ -31,7 +31,8 @@ rule finetune:
         train=get_train_args("finetuning"),
         out=subpath(output.metrics, parent=True),
     shell:
-        "python -m resnet_ode finetune --model {params.model:q}"
+        "OMP_NUM_THREADS={threads} python -m resnet_ode"
+        " finetune --model {params.model:q}"
         " --stage {wildcards.stage:q} --seed {params.seed:q} {params.train}"
         " --out {params.out:q} > {log:q} 2>&1"
 
@@ -55,7 +56,8 @@ rule table_finetuning:
     params:
         out=subpath(output.csv, strip_suffix=".csv"),
     shell:
-        "python -m resnet_ode table finetuning --results {input:q}"
+        "OMP_NUM_THREADS={threads} python -m resnet_ode"
+        " table finetuning --results {input:q}"
         " --out {params.out:q} > {log:q} 2>&1"
 
 

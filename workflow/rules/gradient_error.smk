@@ -34,7 +34,8 @@ rule gradient_error:
         device=get_settings()["device"],
         out=subpath(output.metrics, parent=True),
     shell:
-        "python -m resnet_ode gradient-error --model {params.model:q}"
+        "OMP_NUM_THREADS={threads} python -m resnet_ode"
+        " gradient-error --model {params.model:q}"
         " --scheme {wildcards.scheme:q} --depths {params.depths:q}"
         " --batch-size {params.batch_size:q} {params.data}"
         " --device {params.device:q} --out {params.out:q} > {log:q} 2>&1"
@@ -61,7 +62,8 @@ rule plot_gradient_error:
     params:
         out=subpath(output.pdf, strip_suffix=".pdf"),
     shell:
-        "python -m resnet_ode plot gradient-error --results {input.metrics:q}"
+        "OMP_NUM_THREADS={threads} python -m resnet_ode"
+        " plot gradient-error --results {input.metrics:q}"
         " --out {params.out:q} > {log:q} 2>&1"
 
 

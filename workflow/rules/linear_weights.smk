@@ -29,7 +29,8 @@ rule linear_weights:
         ode_depths=LINEAR_WEIGHTS["ode_depths"],
         out=subpath(output.metrics, parent=True),
     shell:
-        "python -m resnet_ode linear-weights --depth {params.depth:q}"
+        "OMP_NUM_THREADS={threads} python -m resnet_ode"
+        " linear-weights --depth {params.depth:q}"
         " --dim {params.dim:q} --lr {params.lr:q} --max-steps {params.max_steps:q}"
         " --tol {params.tol:q} --seed {params.seed:q}"
         " --ode-depths {params.ode_depths:q} --out {params.out:q} > {log:q} 2>&1"
@@ -57,7 +58,8 @@ rule plot_linear_weights:
     params:
         out=subpath(output.pdf, strip_suffix=".pdf"),
     shell:
-        "python -m resnet_ode plot linear-weights --results {input.metrics:q}"
+        "OMP_NUM_THREADS={threads} python -m resnet_ode"
+        " plot linear-weights --results {input.metrics:q}"
         " --out {params.out:q} > {log:q} 2>&1"
 
 

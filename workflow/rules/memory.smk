@@ -27,7 +27,8 @@ rule memory_point:
         device=get_settings()["device"],
         out=subpath(output.metrics, parent=True),
     shell:
-        "python -m resnet_ode memory --grad {wildcards.grad:q}"
+        "OMP_NUM_THREADS={threads} python -m resnet_ode"
+        " memory --grad {wildcards.grad:q}"
         " --depth {wildcards.depth:q} --features {params.features:q}"
         " --hidden {params.hidden:q} --batch-size {params.batch_size:q}"
         " --scheme {params.scheme:q} --device {params.device:q}"
@@ -54,7 +55,7 @@ rule plot_memory:
     params:
         out=subpath(output.pdf, strip_suffix=".pdf"),
     shell:
-        "python -m resnet_ode plot memory --results {input:q}"
+        "OMP_NUM_THREADS={threads} python -m resnet_ode plot memory --results {input:q}"
         " --out {params.out:q} > {log:q} 2>&1"
 
 

@@ -27,7 +27,8 @@ rule reconstruction:
         device=get_settings()["device"],
         out=subpath(output.metrics, parent=True),
     shell:
-        "python -m resnet_ode reconstruction --depths {params.depths:q}"
+        "OMP_NUM_THREADS={threads} python -m resnet_ode"
+        " reconstruction --depths {params.depths:q}"
         " --images {params.images:q} {params.data} --width {params.width:q}"
         " --seed {params.seed:q} --device {params.device:q} --out {params.out:q}"
         " > {log:q} 2>&1"
@@ -54,7 +55,8 @@ rule plot_reconstruction_error:
     params:
         out=subpath(output.pdf, strip_suffix=".pdf"),
     shell:
-        "python -m resnet_ode plot reconstruction-error --results {input.metrics:q}"
+        "OMP_NUM_THREADS={threads} python -m resnet_ode"
+        " plot reconstruction-error --results {input.metrics:q}"
         " --out {params.out:q} > {log:q} 2>&1"
 
 

@@ -28,7 +28,8 @@ rule train_resnet101:
         train=get_train_args("resnet101"),
         out=subpath(output.metrics, parent=True),
     shell:
-        "python -m resnet_ode resnet101 --grad {wildcards.grad:q}"
+        "OMP_NUM_THREADS={threads} python -m resnet_ode"
+        " resnet101 --grad {wildcards.grad:q}"
         " --stage-depths {params.stage_depths:q}"
         " --adjoint-above {params.adjoint_above:q} --stem {params.stem:q}"
         " --width {params.width:q} --seed {params.seed:q} {params.train}"
@@ -55,7 +56,8 @@ rule plot_resnet101_adjoint:
     params:
         out=subpath(output.pdf, strip_suffix=".pdf"),
     shell:
-        "python -m resnet_ode plot resnet101-adjoint --results {input:q}"
+        "OMP_NUM_THREADS={threads} python -m resnet_ode"
+        " plot resnet101-adjoint --results {input:q}"
         " --out {params.out:q} > {log:q} 2>&1"
 
 

@@ -27,7 +27,8 @@ rule train_tied:
         train=get_train_args("tied_weights"),
         out=subpath(output.metrics, parent=True),
     shell:
-        "python -m resnet_ode tied-resnet --stage-depths {params.stage_depths:q}"
+        "OMP_NUM_THREADS={threads} python -m resnet_ode"
+        " tied-resnet --stage-depths {params.stage_depths:q}"
         " --stem {params.stem:q} --width {params.width:q} --seed {params.seed:q}"
         " {params.train} --out {params.out:q} > {log:q} 2>&1"
 
@@ -52,7 +53,8 @@ rule plot_tied_weights:
     params:
         out=subpath(output.pdf, strip_suffix=".pdf"),
     shell:
-        "python -m resnet_ode plot tied-weights --results {input:q}"
+        "OMP_NUM_THREADS={threads} python -m resnet_ode"
+        " plot tied-weights --results {input:q}"
         " --out {params.out:q} > {log:q} 2>&1"
 
 
