@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from resnet_ode.experiments import common
 from resnet_ode.io import atomic_write_text
 
 # A fitted log-log slope "near -1" lies in this range.
@@ -46,7 +47,10 @@ class Claim:
 
 def loglog_slope(x, y) -> float:
     """Least-squares slope of log(y) against log(x)."""
-    return float(np.polyfit(np.log(np.asarray(x, float)), np.log(y), 1)[0])
+    slope = common.loglog_slope(x, y)
+    if slope is None:
+        raise NotTestable("a value to fit on a log scale is zero, negative or NaN")
+    return slope
 
 
 def in_range(value: float, bounds: tuple[float, float]) -> bool:

@@ -14,6 +14,7 @@ import logging
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from resnet_ode.data import DATASETS, load_datasets
@@ -396,3 +397,11 @@ def read_results(paths, experiment: str) -> list[tuple[Path, dict]]:
             raise ValueError(f"{path} is not a finished run")
         runs.append((path, metrics))
     return runs
+
+
+def loglog_slope(xs, ys) -> float | None:
+    """Least-squares slope of log y against log x (None if a y is not positive)."""
+    xs, ys = np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
+    if np.any(ys <= 0) or not np.all(np.isfinite(ys)):
+        return None
+    return float(np.polyfit(np.log(xs), np.log(ys), 1)[0])

@@ -27,6 +27,7 @@ import torch
 
 from resnet_ode.experiments.common import (
     check_argument,
+    loglog_slope,
     nonnegative_int,
     positive_float,
     positive_int,
@@ -311,14 +312,6 @@ def ode_distances(weights: np.ndarray, depths) -> dict:
         ),
         "ode_matrix": limit.tolist(),
     }
-
-
-def loglog_slope(xs, ys) -> float | None:
-    """Least-squares slope of log y against log x (None if a y is not positive)."""
-    xs, ys = np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
-    if np.any(ys <= 0) or not np.all(np.isfinite(ys)):
-        return None
-    return float(np.polyfit(np.log(xs), np.log(ys), 1)[0])
 
 
 def finite_or_none(value: float) -> float | None:

@@ -46,6 +46,7 @@ from resnet_ode.experiments.common import (
     DEVICES,
     SUBSET_SEED,
     check_argument,
+    loglog_slope,
     nonnegative_int,
     positive_int,
 )
@@ -262,14 +263,6 @@ def exact_float32():
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
-def loglog_slope(xs, ys) -> float | None:
-    """Least-squares slope of log y against log x (None if a y is not positive)."""
-    xs, ys = np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
-    if np.any(ys <= 0) or not np.all(np.isfinite(ys)):
-        return None
-    return float(np.polyfit(np.log(xs), np.log(ys), 1)[0])
 
 
 def write_outputs(out: Path, args, rows, results, started) -> None:
