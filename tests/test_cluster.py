@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from workflow_rules import RULE_EXPERIMENTS
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_DIR = REPO / "tests" / "cluster"
@@ -301,18 +302,6 @@ def test_toy_scancelled_job_fails_run_naming_rule_and_log(slurm_env, tmp_path):
 REDUCED_CONFIG = CLUSTER_DIR / "reduced_quick.yaml"
 WORKFLOW_TIMEOUT_S = 600
 
-# Rules that run an experiment's command (each goes through Slurm) -> the
-# config entry holding its settings; every other rule is a local rule.
-CLUSTER_RULES = {
-    "linear_weights": "linear_weights",
-    "reconstruction": "reconstruction",
-    "train_tied": "tied_weights",
-    "train_resnet101": "resnet101",
-    "train_depth_sweep": "depth_sweep",
-    "gradient_error": "gradient_error",
-    "memory_point": "memory",
-    "finetune": "finetuning",
-}
 
 # Timings and memory readings of the machine, not results: they differ from
 # run to run. Everything else in a metrics.json must match.
@@ -454,16 +443,16 @@ def test_reduced_quick_preset_on_cluster_matches_local_run(slurm_env, tmp_path):
     planned = job_counts(cluster.stdout)
     jobs = slurm_jobs(slurm_env, slurm_run_id(cluster.stdout))
     assert collections.Counter(job.rule for job in jobs) == {
-        rule: planned[rule] for rule in CLUSTER_RULES
+        rule: planned[rule] for rule in RULE_EXPERIMENTS
     }
     with_gpu = gpu_experiments()
-    assert {CLUSTER_RULES[job.rule] for job in jobs if job.gpus != "N/A"} == with_gpu
+    assert {RULE_EXPERIMENTS[job.rule] for job in jobs if job.gpus != "N/A"} == with_gpu
     assert all(job.state == "COMPLETED" for job in jobs), jobs
     assert all(job.gpus in ("N/A", "gres:gpu:1") for job in jobs), jobs
 
     assert result_files(cluster_dir) == result_files(local_dir)
     metrics_files = sorted(local_dir.rglob("results/**/metrics.json"))
-    assert len(metrics_files) == sum(planned[rule] for rule in CLUSTER_RULES)
+    assert len(metrics_files) == sum(planned[rule] for rule in RULE_EXPERIMENTS)
     for local_metrics in metrics_files:
         relative = local_metrics.relative_to(local_dir)
         cluster_metrics = json.loads((cluster_dir / relative).read_text())

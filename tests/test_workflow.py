@@ -21,6 +21,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
+from workflow_rules import RULE_EXPERIMENTS
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = yaml.safe_load((REPO / "config.yaml").read_text())
@@ -43,17 +44,6 @@ LEFT_OUT_MESSAGE = "data_dirs.imagenet is not set"
 WITH_IMAGENET = 'data_dirs={"imagenet": "imagenet_folder"}'
 PLANS = {"quick": (), "paper": ("--config", "preset=paper", WITH_IMAGENET)}
 
-# Rules that run an experiment's command -> the config entry of its settings.
-RULE_EXPERIMENTS = {
-    "linear_weights": "linear_weights",
-    "reconstruction": "reconstruction",
-    "train_tied": "tied_weights",
-    "train_resnet101": "resnet101",
-    "train_depth_sweep": "depth_sweep",
-    "gradient_error": "gradient_error",
-    "memory_point": "memory",
-    "finetune": "finetuning",
-}
 
 # Python import or PyPI name -> the conda-forge package that provides it.
 CONDA_NAMES = {
